@@ -24,23 +24,23 @@ import shlex
 import sys
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
-from typing import cast
+from typing import Any, cast
 
 from bench.report import BenchResult, Machine, document_header, markdown_section, text_report, update_document
 
 BENCHMARKS: list[str] = [
-    "schedule_sim",
+    "schedule_sim", "scale", "delivery", "startup",
 ]
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = REPOSITORY / "BENCHMARKS.md"
 
-RunFunction = Callable[[bool], Awaitable[BenchResult]]
+RunFunction = Callable[[bool], Coroutine[Any, Any, BenchResult]]
 
 
 class BenchmarkError(Exception):
@@ -177,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     failed = [run.name for run in runs if not run.ok]
     print()
-    print(f"{len(runs) - len(failed)}/{len(runs)} benchmark(s) ok" + (f"; failed: {', '.join(failed)}" if failed else ""))
+    summary = f"{len(runs) - len(failed)}/{len(runs)} benchmark(s) ok"
+    print(summary + (f"; failed: {', '.join(failed)}" if failed else ""))
     if not (options.smoke or options.no_write):
         written = write_results(runs, output=options.output, command=command, registered=BENCHMARKS)
         if written:

@@ -29,6 +29,7 @@ __all__ = [
     "update_document",
 ]
 
+_NUMBER = re.compile(r"[-+−]?[\d.,]+\b")
 HEADER_START = "<!-- bench-header -->"
 HEADER_END = "<!-- /bench-header -->"
 DOCUMENT_TITLE = "# Benchmarks"
@@ -36,11 +37,15 @@ DOCUMENT_TITLE = "# Benchmarks"
 
 @dataclass(slots=True)
 class Table:
-    """Column names and rows of already formatted cells. Column 0 is a label; the others are right-aligned."""
+    """Column names and rows of already formatted cells. Columns of numbers are right-aligned, others left."""
 
     columns: list[str]
     rows: list[list[str]]
     caption: str = ""
+
+    def numeric(self, column: int) -> bool:
+        cells = [row[column] for row in self.rows if column < len(row) and row[column]]
+        return bool(cells) and all(_NUMBER.match(cell) for cell in cells)
 
     def problems(self) -> list[str]:
         """Why this table is not fit to print (empty list when it is)."""
@@ -144,10 +149,11 @@ def text_table(table: Table) -> str:
     for row in table.rows:
         for index, cell in enumerate(row[: len(widths)]):
             widths[index] = max(widths[index], len(cell))
+    right = [table.numeric(index) for index in range(len(widths))]
 
     def line(cells: Sequence[str]) -> str:
-        parts = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(cells, widths))]
-        return "  ".join(parts).rstrip()
+        triples = zip(cells, widths, right, strict=False)
+        return "  ".join(cell.rjust(width) if r else cell.ljust(width) for cell, width, r in triples).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(table.columns), rule, *(line(row) for row in table.rows)])
@@ -173,7 +179,7 @@ def _cell(text: str) -> str:
 
 def markdown_table(table: Table) -> str:
     head = "| " + " | ".join(_cell(c) for c in table.columns) + " |"
-    align = "|" + "|".join(":---" if i == 0 else "---:" for i in range(len(table.columns))) + "|"
+    align = "|" + "|".join("---:" if table.numeric(i) else ":---" for i in range(len(table.columns))) + "|"
     body = ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
     return "\n".join([head, align, *body])
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import discord
@@ -15,7 +17,45 @@ from bot.config import ConfigError, Settings, load_settings, read_environment
 
 log = logging.getLogger("bot")
 
+MASK = "********"
+# Interaction (and webhook) tokens in the URLs and gateway payloads discord.py logs at DEBUG. Discord's
+# interaction tokens all start with base64("interaction:"), which also catches them in any other text.
+_TOKEN_PATTERNS = (
+    (re.compile(r"aW50ZXJhY3Rpb246[A-Za-z0-9_\-.]+"), MASK),
+    (re.compile(r"(/(?:webhooks|interactions)/\d+/)[^/\s'\"?#]+"), rf"\g<1>{MASK}"),
+    (re.compile(r"""(['"]token['"]\s*:\s*['"])[^'"]+"""), rf"\g<1>{MASK}"),
+)
+
 USAGE = "usage: python -m bot [run|sync]\n  run   run the bot (default)\n  sync  sync the slash commands now, then exit"
+
+
+class RedactingFormatter(logging.Formatter):
+    """Wraps the log formatter so no credential reaches the log, tracebacks included: the bot token
+    and the API key by value, interaction tokens by shape (discord.py logs them at DEBUG)."""
+
+    def __init__(self, inner: logging.Formatter, secrets: Iterable[str]) -> None:
+        super().__init__()
+        self._inner = inner
+        self._secrets = sorted({s for s in secrets if s}, key=len, reverse=True)
+
+    def redact(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, MASK)
+        for pattern, replacement in _TOKEN_PATTERNS:
+            text = pattern.sub(replacement, text)
+        return text
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redact(self._inner.format(record))
+
+
+def setup_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler()
+    discord.utils.setup_logging(handler=handler, level=logging.getLevelNamesMapping()[settings.log_level], root=True)
+    handler.setFormatter(RedactingFormatter(handler.formatter or logging.Formatter(),
+                                            (settings.discord_token.get(), settings.cometapi_key.get())))
+    # aiosqlite logs every statement with its parameters at DEBUG: noise, and it holds stored data.
+    logging.getLogger("aiosqlite").setLevel(logging.INFO)
 
 
 async def _run(settings: Settings, *, sync_only: bool) -> int:
@@ -77,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"fluxbot: {exc}", file=sys.stderr)
         return 2
-    discord.utils.setup_logging(level=logging.getLevelNamesMapping()[settings.log_level], root=True)
+    setup_logging(settings)
     try:
         return asyncio.run(_run(settings, sync_only=command == "sync"))
     except KeyboardInterrupt:

@@ -50,6 +50,9 @@ class FluxBot(commands.Bot):
 
     def __init__(self, settings: Settings, *, force_sync: bool = False, sync_only: bool = False) -> None:
         point_discord_at(settings)
+        # The bot never joins voice: the warnings about missing voice libraries are noise in its log.
+        discord.VoiceClient.warn_nacl = False
+        discord.VoiceClient.warn_dave = False
         super().__init__(
             command_prefix=commands.when_mentioned,
             help_command=None,

@@ -355,6 +355,12 @@ async def _strip_credentials(request: aiohttp.ClientRequest, handler: ClientHand
     return await handler(request)
 
 
+def _format_size(size: int) -> str:
+    if size >= 1024 * 1024:
+        return f"{size / (1024 * 1024):.3g} MiB"
+    return f"{size / 1024:.3g} KiB"
+
+
 def _find_forbidden(exc: BaseException) -> ForbiddenAddress | None:
     seen: set[int] = set()
     current: BaseException | None = exc
@@ -423,6 +429,8 @@ class ImageFetcher:
         Raises ``ImageExpired``, ``ImageUnavailable``, ``ForbiddenAddress``,
         ``ImageTooLarge``, ``NotAnImage`` or ``ImageBomb``.
         """
+        if not isinstance(url, str):  # straight from untrusted JSON
+            raise ImageUnavailable("the image URL is not valid")
         target = self._parse(url)
         host = target.raw_host or "?"
         log.debug("fetching image from %s", host)
@@ -551,7 +559,7 @@ class ImageFetcher:
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         limit = self._max_bytes
-        too_large = f"the image is larger than {limit // (1024 * 1024) or 1} MiB"
+        too_large = f"the image is larger than {_format_size(limit)}"
         declared = response.content_length
         if declared is not None and declared > limit:
             response.close()
@@ -570,7 +578,9 @@ class ImageFetcher:
 
 _QUALITIES: Final = (90, 80, 70, 60)
 _TARGET_QUALITY: Final = 80
-_PROBE_PIXELS: Final = 250_000
+_PROBE_PIXELS: Final = 300_000
+_PROBE_TILE: Final = 128
+_PROBE_GRID: Final = 4
 _MAX_SIDE: Final[dict[str, int]] = {"jpeg": 65_500, "webp": 16_383}
 _ALPHA_MODES: Final = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
@@ -604,17 +614,35 @@ def _encode(im: Image.Image, fmt: str, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def _quality_curve(im: Image.Image, fmt: str) -> dict[int, float]:
-    """Size at each quality relative to the first one, measured on a thumbnail.
+def _probe(im: Image.Image) -> Image.Image:
+    """A mosaic of full-resolution tiles from across the image.
 
-    How much a lower quality saves depends on the content (a smooth render halves,
-    noise barely shrinks), and guessing wrong costs full-size encodes. Absolute sizes
-    do not carry over from a thumbnail, but these ratios do, closely enough.
+    Tiles keep the pixel-level statistics that decide how well a lossy codec does;
+    a downscaled thumbnail would average noise away and look far more compressible.
     """
     width, height = im.size
-    shrink = min(1.0, math.sqrt(_PROBE_PIXELS / (width * height)))
-    thumb = im.resize(_dims(width, height, shrink), Image.Resampling.BOX) if shrink < 1 else im
-    sizes = [max(1, len(_encode(thumb, fmt, q))) for q in _QUALITIES]
+    if width * height <= _PROBE_PIXELS:
+        return im
+    tile_w, tile_h = min(_PROBE_TILE, width), min(_PROBE_TILE, height)
+    grid = _PROBE_GRID
+    mosaic = Image.new(im.mode, (tile_w * grid, tile_h * grid))
+    for col in range(grid):
+        # Multiples of 16 keep tiles on JPEG/WebP macroblock boundaries.
+        x = (width - tile_w) * col // (grid - 1) // 16 * 16
+        for row in range(grid):
+            y = (height - tile_h) * row // (grid - 1) // 16 * 16
+            mosaic.paste(im.crop((x, y, x + tile_w, y + tile_h)), (col * tile_w, row * tile_h))
+    return mosaic
+
+
+def _quality_curve(im: Image.Image, fmt: str) -> dict[int, float]:
+    """Size at each quality relative to the first one, measured on a probe.
+
+    How much a lower quality saves depends on the content (a smooth render halves,
+    noise barely shrinks), and guessing wrong costs full-size encodes.
+    """
+    probe = _probe(im)
+    sizes = [max(1, len(_encode(probe, fmt, q))) for q in _QUALITIES]
     curve: dict[int, float] = {}
     ratio = 1.0
     for quality, size in zip(_QUALITIES, sizes, strict=True):

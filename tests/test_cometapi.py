@@ -615,3 +615,89 @@ async def test_server_echoing_the_key_does_not_leak_it(fake: FakeCometAPI, clien
     # BUG: the client copies the envelope's message verbatim into the exception.
     fake.script("t", Answer.error(401, f"Invalid token {KEY}"))
     await _fails(client, "t", AuthError)
+
+
+# --------------------------------------------------------------------------- the fake itself
+
+
+async def test_fake_rescripting_starts_from_the_first_answer(fake: FakeCometAPI, client: CometAPIClient) -> None:
+    fake.script("t", Answer.pending(0.1), Answer.pending(0.2), Answer.status("Error"))
+    assert [(await client.get_result("t")).progress for _ in range(2)] == [0.1, 0.2]
+    fake.script("t", Answer.pending(0.7), Answer.status("Task not found"))
+    assert (await client.get_result("t")).progress == pytest.approx(0.7)
+    assert [(await client.get_result("t")).kind for _ in range(3)] == [StatusKind.NOT_FOUND] * 3
+    assert fake.polls["t"] == 6
+
+
+async def test_fake_refuses_missing_key_and_missing_id(fake: FakeCometAPI, session: aiohttp.ClientSession) -> None:
+    async with session.get(fake.base_url + "/flux/v1/get_result", params={"id": "t"}) as response:
+        assert response.status == 401
+        assert response.headers["Content-Type"] == "application/json"
+        assert (await response.json())["error"]["code"] == "invalid_api_key"
+    async with session.get(fake.base_url + "/flux/v1/get_result",
+                           headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status == 400
+    assert fake.auth_seen == [f"Bearer {KEY}"]
+    assert fake.total_requests == 2
+
+
+async def test_fake_images(fake: FakeCometAPI, session: aiohttp.ClientSession) -> None:
+    data = bytes(range(256)) * 300  # 76,800 bytes: several chunks
+    plain = fake.add_image("plain.png", data, headers={"X-Extra": "1"})
+    chunked = fake.add_image("chunked.png", data, chunked=True)
+    short = fake.add_image("short.png", data, lie_length=10)
+    long = fake.add_image("long.png", data[:100], lie_length=10_000)
+    moved = fake.add_image("moved.png", b"", redirect_to="plain.png")
+    away = fake.add_image("away.png", b"", redirect_to="https://elsewhere.example/x.png")
+    slow = fake.add_image("slow.png", data[:10], delay=0.2)
+    gone = fake.add_image("gone.png", b"expired", status=403, content_type="text/plain")
+
+    async with session.get(plain) as r:
+        assert (r.status, r.headers["Content-Type"], r.headers["X-Extra"]) == (200, "image/png", "1")
+        assert await r.read() == data
+    async with session.get(chunked) as r:
+        assert r.headers.get("Transfer-Encoding") == "chunked" and "Content-Length" not in r.headers
+        assert await r.read() == data
+    async with session.get(short) as r:
+        assert r.content_length == 10
+        assert await r.read() == data[:10]
+    with pytest.raises(aiohttp.ClientPayloadError):
+        async with session.get(long) as r:
+            assert r.content_length == 10_000
+            await r.read()
+    async with session.get(moved, allow_redirects=False) as r:
+        assert (r.status, r.headers["Location"]) == (302, plain)
+    async with session.get(away, allow_redirects=False) as r:
+        assert r.headers["Location"] == "https://elsewhere.example/x.png"
+    started = time.monotonic()
+    async with session.get(slow) as r:
+        assert await r.read() == data[:10]
+    assert time.monotonic() - started >= 0.19
+    async with session.get(gone) as r:
+        assert (r.status, await r.read()) == (403, b"expired")
+    async with session.get(fake.image_url("absent.png")) as r:
+        assert r.status == 404
+    async with session.get(fake.image_url("default.png")) as r:
+        assert (await r.read()).startswith(b"\x89PNG")
+    assert fake.image_hits["plain.png"] == 1 and fake.image_hits["moved.png"] == 1
+    assert fake.image_auth_seen == []
+    assert fake.polls == {}
+
+
+async def test_fake_close_does_not_wait_for_stalls(session: aiohttp.ClientSession) -> None:
+    fake = FakeCometAPI(api_key=KEY)
+    await fake.start()
+    fake.script("t", Answer.stall(30.0))
+    client = CometAPIClient(session, fake.base_url, Secret(KEY), timeout=10.0)
+    pending = asyncio.ensure_future(client.get_result("t"))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    async with asyncio.timeout(5):
+        await fake.close()
+        try:
+            state = await pending  # the stall was cut short: its answer, or a dropped connection
+        except CometAPIError as exc:
+            assert isinstance(exc, TransientError)
+        else:
+            assert state.kind is StatusKind.PENDING
+    assert time.monotonic() - started < 3.0

@@ -9,6 +9,7 @@ import random
 import socket
 import struct
 import time
+import warnings
 import zlib
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
@@ -351,11 +352,16 @@ def test_ipv6_wrappers_inherit_the_ipv4_verdict(ip: ipaddress.IPv4Address) -> No
     assert is_forbidden_ip(ipaddress.IPv6Address(0x64FF9B << 96 | packed)) is verdict  # NAT64
 
 
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
 @given(st.ip_addresses(v=6))
 def test_is_forbidden_ip_never_raises_and_never_allows_non_global(ip: ipaddress.IPv6Address) -> None:
     result = is_forbidden_ip(ip)
     assert isinstance(result, bool)
-    if not ip.is_global and ip.ipv4_mapped is None:
+    # Wrappers are judged by the IPv4 address inside, whatever this Python thinks.
+    wrapper = ip.ipv4_mapped is not None or ip.sixtofour is not None or ip in _NAT64
+    if not ip.is_global and not wrapper:
         assert result
 
 
@@ -451,6 +457,7 @@ async def test_oversize_with_honest_content_length(host: ImageHost, client: Clie
     with pytest.raises(ImageTooLarge) as info:
         await client.fetcher(trusted_hosts={LOOPBACK}, max_bytes=MAX).fetch(host.url("/huge"))
     assert info.value.limit == MAX
+    assert "97.7 KiB" in str(info.value)
 
 
 async def test_exactly_max_bytes_is_allowed(host: ImageHost, client: Client) -> None:
@@ -731,22 +738,17 @@ async def test_unreachable_port_is_unavailable(client: Client) -> None:
         await client.fetcher(trusted_hosts={LOOPBACK}).fetch(f"http://{LOOPBACK}:{port}/x")
 
 
-@pytest.mark.parametrize(
-    "session_kwargs",
-    [
-        pytest.param({"headers": {"Authorization": "Bearer api-secret", "Cookie": "session=api"}}, id="headers"),
-        pytest.param(
-            {"auth": aiohttp.BasicAuth("api", "secret")},
-            marks=pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # still honoured in 3.x
-            id="session-auth",
-        ),
-    ],
-)
-async def test_no_authorization_reaches_image_host(host: ImageHost, session_kwargs: dict[str, object]) -> None:
+@pytest.mark.parametrize("kind", ["default-headers", "session-auth"])
+async def test_no_authorization_reaches_image_host(host: ImageHost, kind: str) -> None:
     data = sample("PNG")
     host.redirect("/r", "/img")
     host.serve_bytes("/img", data)
-    c = await open_client(None, **session_kwargs)
+    if kind == "default-headers":
+        c = await open_client(None, headers={"Authorization": "Bearer api-secret", "Cookie": "session=api"})
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # deprecated in 3.14, still honoured
+            c = await open_client(None, auth=aiohttp.BasicAuth("api", "secret"))
     try:
         image = await c.fetcher(trusted_hosts={LOOPBACK}, user_agent="fluxbot-test").fetch(host.url("/r"))
     finally:

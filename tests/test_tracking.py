@@ -232,7 +232,7 @@ async def test_long_retry_after_ends_at_the_deadline(env: Env) -> None:
     started = time.monotonic()
     _, outcome = await drain(env.tracker().follow("long", deadline=deadline(0.3)))
     assert outcome.reason is EndReason.TIMEOUT
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0
     assert outcome.detail is not None and "rate limit" in outcome.detail
     assert env.fake.polls["long"] == 1
 
@@ -282,7 +282,7 @@ async def test_deadline_is_timeout_with_last_status(env: Env) -> None:
     _, outcome = await drain(env.tracker().follow("slow", deadline=deadline(0.3)))
     assert outcome.reason is EndReason.TIMEOUT
     assert outcome.state is not None and outcome.state.status == "Request Accepted"
-    assert 0.25 <= time.monotonic() - started < 1.0
+    assert 0.25 <= time.monotonic() - started < 2.0
     assert outcome.polls >= 2
 
 
@@ -298,7 +298,7 @@ async def test_stalled_api_ends_at_the_deadline(env: Env) -> None:
     started = time.monotonic()
     _, outcome = await drain(env.tracker().follow("stall", deadline=deadline(0.3)))
     assert outcome.reason is EndReason.TIMEOUT
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0
 
 
 # --------------------------------------------------------------------------- the image
@@ -535,7 +535,7 @@ async def _run_steps(steps: list[str]) -> None:
             started = time.monotonic()
             sub = tracker.follow("prop", deadline=started + budget)
             _, outcome = await drain(sub, timeout=budget + 1.0)
-            assert time.monotonic() - started <= budget + 0.5
+            assert time.monotonic() - started <= budget + 0.75
             assert outcome.reason is expected, (steps, outcome)
             assert await sub.next() is None
             if expected is not EndReason.TIMEOUT:
@@ -560,3 +560,22 @@ def test_expected_model() -> None:
     assert _expected(["html", "5xx", "html", "html", "ready"]) is EndReason.READY
     assert _expected(["html", "5xx", "html", "429", "html", "html"]) is EndReason.BAD_RESPONSE
     assert _expected(["5xx", "auth", "ready"]) is EndReason.AUTH
+
+
+async def test_leaving_during_a_rate_limit_pause_polls_no_more(env: Env) -> None:
+    # "quiet" waits out the pause another task's 429 set; when its last follower leaves meanwhile,
+    # the loop must end without one more request.
+    tracker = env.tracker()
+    env.fake.script("quiet", Answer.pending(0.5))
+    quiet = tracker.follow("quiet", deadline=deadline())
+    await wait_until(lambda: env.fake.polls["quiet"] >= 2)
+    env.fake.script("noisy", Answer.rate_limited("1.0"))
+    noisy = tracker.follow("noisy", deadline=deadline())
+    await wait_until(lambda: env.fake.polls["noisy"] == 1)
+    await asyncio.sleep(0.1)  # "quiet" is now inside the pause
+    polls = env.fake.polls["quiet"]
+    quiet.stop()
+    await wait_until(lambda: not tracker.watching("quiet"))
+    noisy.stop()
+    await wait_until(lambda: tracker.active == 0)
+    assert env.fake.polls["quiet"] == polls

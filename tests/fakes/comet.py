@@ -143,6 +143,12 @@ class Answer:
 
 
 @dataclass(slots=True)
+class _Script:
+    answers: tuple[Answer, ...]
+    served: int = 0
+
+
+@dataclass(slots=True)
 class _Timed:
     ready_after: float
     image_name: str
@@ -182,7 +188,7 @@ class FakeCometAPI:
         self.image_auth_seen: list[str] = []
         self.total_requests = 0
         self._expected_auth = f"Bearer {api_key}"
-        self._scripts: dict[str, tuple[Answer, ...]] = {}
+        self._scripts: dict[str, _Script] = {}
         self._timed: dict[str, _Timed] = {}
         self._images: dict[str, _Image] = {}
         self._runner: web.AppRunner | None = None
@@ -225,11 +231,14 @@ class FakeCometAPI:
     # -- scripting -------------------------------------------------------------------------------
 
     def script(self, task_id: str, *answers: Answer) -> None:
-        """Answers to the polls of ``task_id``, in order; the last one repeats forever."""
+        """Answers to the next polls of ``task_id``, in order; the last one repeats forever.
+
+        Scripting an id again replaces its script: the next poll gets the new first answer.
+        """
         if not answers:
             raise ValueError("a script needs at least one answer")
         self._timed.pop(task_id, None)
-        self._scripts[task_id] = answers
+        self._scripts[task_id] = _Script(answers)
 
     def timed_task(self, task_id: str, *, ready_after: float, image_name: str | None = None,
                    prompt: str = "a red kite", seed: int = 42, progress: bool = True) -> None:
@@ -296,7 +305,9 @@ class FakeCometAPI:
     def _answer_for(self, task_id: str) -> Answer:
         script = self._scripts.get(task_id)
         if script is not None:
-            return script[min(self.polls[task_id], len(script)) - 1]
+            answer = script.answers[min(script.served, len(script.answers) - 1)]
+            script.served += 1
+            return answer
         timed = self._timed.get(task_id)
         if timed is None:
             return _NOT_FOUND

@@ -1,0 +1,210 @@
+"""Soak: 1,000 follows with faults mixed in, through one bot process, bounded in time.
+
+Afterwards nothing is left behind: no asyncio task, no socket, no temp file, and memory (Python
+allocations traced by tracemalloc) is back near where it started. Run with ``pytest -s`` to see
+the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import time
+import tracemalloc
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.e2e.conftest import FluxEnv
+from tests.fakes.comet import Answer, FakeCometAPI
+from tests.fakes.discord import FakeInteraction, FakeMessage, FakeUser
+
+FOLLOWS = int(os.environ.get("FLUXBOT_SOAK_FOLLOWS", "1000"))
+TRACE = os.environ.get("FLUXBOT_SOAK_TRACE", "1") == "1"
+USERS = 250
+IN_FLIGHT = 60  # unacknowledged interactions at once: Discord wants the defer within 3 s
+BUDGET = 90.0  # the whole soak, generous for 2 slow cores; it usually takes far less
+MEMORY_SLACK = 8 * 1024 * 1024
+ORIGINAL = r"/webhooks/\d+/[^/]+/messages/@original"
+
+
+@dataclass(frozen=True)
+class Kind:
+    name: str
+    weight: int
+    answers: Callable[[FakeCometAPI], tuple[Answer, ...]]
+    title: str
+
+
+KINDS = [
+    Kind("ready", 40, lambda f: (Answer.pending(0.3), Answer.pending(0.6), Answer.ready(f.image_url("default.png"))),
+         "Your Flux image"),
+    Kind("not-found", 10, lambda f: (Answer.status("Task not found"),), "Task not found"),
+    Kind("moderated", 10, lambda f: (Answer.pending(), Answer.status("Content Moderated",
+                                                                     details={"Moderation Reasons": ["x"]})),
+         "The task was moderated"),
+    Kind("failed", 5, lambda f: (Answer.status("Error", error="boom"),), "The task failed"),
+    Kind("5xx", 10, lambda f: (Answer.error(502, "bad gateway"), Answer.error(503, "busy"),
+                               Answer.ready(f.image_url("default.png"))), "Your Flux image"),
+    Kind("429", 5, lambda f: (Answer.rate_limited("0"), Answer.ready(f.image_url("default.png"))),
+         "Your Flux image"),
+    Kind("malformed", 10, lambda f: (Answer.raw(b"<html/>"), Answer.ready(f.image_url("default.png"))),
+         "Your Flux image"),
+    Kind("malformed-forever", 5, lambda f: (Answer.raw(b"<html/>"),), "CometAPI's answers could not be read"),
+    # Its token is killed once the command is acknowledged: the result goes to the channel.
+    Kind("token-dies", 4, lambda f: (*[Answer.pending(0.5)] * 12, Answer.ready(f.image_url("default.png"))),
+         "Your Flux image"),
+    Kind("image-gone", 5, lambda f: (Answer.ready(f.image_url("gone.png")),), "The image link has expired"),
+]
+
+
+def socket_count() -> int:
+    count = 0
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def temp_files(data_dir: Path) -> list[Path]:
+    return [p for p in data_dir.rglob("*") if p.name.startswith(".tmp")]
+
+
+def other_tasks(baseline: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
+    return {t for t in asyncio.all_tasks() if t not in baseline and t is not asyncio.current_task()
+            and not t.done()}
+
+
+async def settle(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Give closed connections and their handler tasks a bounded moment to go away."""
+    async with asyncio.timeout(timeout):
+        while not predicate():  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    return True
+
+
+def final_where(flux: FluxEnv, interaction: FakeInteraction, channel_posts: dict[int, list[FakeMessage]]
+                ) -> list[tuple[str, FakeMessage]]:
+    found: list[tuple[str, FakeMessage]] = []
+    original = flux.discord.original(interaction)
+    if original is not None and not original.loading and not original.components and original.embeds:
+        found.append(("original", original))
+    found.extend(("channel", m) for m in channel_posts.get(interaction.user_id, [])
+                 if f"`{interaction_task(interaction)}`" in m.content)
+    return found
+
+
+def kill_acknowledged(flux: FluxEnv, pending: list[FakeInteraction]) -> list[FakeInteraction]:
+    """Kill the tokens of these interactions once the bot has deferred; return the ones still waiting."""
+    for interaction in pending:
+        if interaction.acknowledged:
+            flux.discord.kill_token(interaction)
+    return [i for i in pending if not i.acknowledged]
+
+
+def interaction_task(interaction: FakeInteraction) -> str:
+    return str(interaction.payload["data"]["options"][0]["value"])
+
+
+async def test_soak_thousand_follows_leave_nothing_behind(flux: FluxEnv) -> None:
+    rng = random.Random(20240611)
+    flux.comet.add_image("gone.png", b"", status=410)
+    plan: dict[str, Kind] = {}
+    for n in range(FOLLOWS):
+        kind = rng.choices(KINDS, weights=[k.weight for k in KINDS])[0]
+        task_id = f"soak-{n}-{kind.name}"
+        plan[task_id] = kind
+        flux.comet.script(task_id, *kind.answers(flux.comet))
+    killed = {t for t in plan if plan[t].name == "token-dies"}
+    to_kill: list[FakeInteraction] = []
+    users = [FakeUser(8_000_000 + n, f"s{n}") for n in range(USERS)]
+
+    gc.collect()
+    if TRACE:
+        tracemalloc.start()
+    baseline_tasks = set(asyncio.all_tasks())
+    baseline_sockets = socket_count()
+    baseline_rss = rss_bytes()
+    baseline_mem, _ = tracemalloc.get_traced_memory()
+    tracemalloc.reset_peak()
+    started = time.monotonic()
+    interactions: dict[str, FakeInteraction] = {}
+    discord_faults = 0
+    async with flux.bot(FLUXBOT_MAX_ACTIVE="2000", FLUXBOT_MAX_ACTIVE_PER_USER="50", FLUXBOT_API_RPS="5000",
+                        FLUXBOT_POLL_TIMEOUT="30") as bot:
+        async with asyncio.timeout(BUDGET):
+            for n, task_id in enumerate(plan):
+                if n % 50 == 25:
+                    # A 429 without Via on whichever edit comes next: a status edit is dropped, a final one retried.
+                    flux.discord.inject_rate_limit("PATCH", ORIGINAL, retry_after=0.2, via=False)
+                    discord_faults += 1
+                if n % 100 == 60:
+                    flux.discord.inject("PATCH", ORIGINAL, 413)
+                    discord_faults += 1
+                while sum(1 for i in interactions.values() if not i.acknowledged) >= IN_FLIGHT:
+                    to_kill = kill_acknowledged(flux, to_kill)
+                    await asyncio.sleep(0.01)
+                interactions[task_id] = await flux.command(task_id, user=users[n % USERS])
+                if task_id in killed:
+                    to_kill.append(interactions[task_id])
+                    discord_faults += 1
+            while sum(bot.follows.delivered.values()) < FOLLOWS:
+                to_kill = kill_acknowledged(flux, to_kill)
+                await asyncio.sleep(0.05)
+        delivered = Counter(bot.follows.delivered)
+        elapsed = time.monotonic() - started
+        _, peak = tracemalloc.get_traced_memory()
+        peak_rss = rss_bytes()
+        statuses = Counter(r.status for r in flux.discord.requests)
+    # The bot is closed here.
+    await settle(lambda: not other_tasks(baseline_tasks), 5.0)
+    await settle(lambda: socket_count() <= baseline_sockets, 5.0)
+    gc.collect()
+    end_mem, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    end_rss = rss_bytes()
+
+    print(f"\nsoak: {FOLLOWS} follows by {USERS} users in {elapsed:.1f} s "
+          f"({FOLLOWS / elapsed:.0f}/s); kinds {dict(Counter(k.name for k in plan.values()))}; "
+          f"discord faults injected {discord_faults} (tokens killed {len(killed)}); "
+          f"delivered {dict(delivered)}; discord answers {dict(statuses)}; api requests {flux.comet.total_requests}; "
+          f"python memory baseline {baseline_mem / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
+          f"after {end_mem / 2**20:.1f} MiB; RSS {baseline_rss / 2**20:.0f} -> peak {peak_rss / 2**20:.0f} -> "
+          f"{end_rss / 2**20:.0f} MiB")
+
+    # Every interaction: exactly one final message, and it says what its script says.
+    channel_posts: dict[int, list[FakeMessage]] = {}
+    for message in flux.discord.messages.values():
+        if message.webhook_id is None and message.content.startswith("<@"):
+            user_id = int(message.content[2:message.content.index(">")])
+            channel_posts.setdefault(user_id, []).append(message)
+    for task_id, interaction in interactions.items():
+        finals = final_where(flux, interaction, channel_posts)
+        assert len(finals) == 1, (task_id, finals)
+        where, message = finals[0]
+        assert where == ("channel" if task_id in killed else "original"), (task_id, where)
+        assert message.embeds[0]["title"] == plan[task_id].title, (task_id, message.embeds[0])
+        if plan[task_id].title == "Your Flux image":
+            assert message.attachments, task_id
+    assert delivered == Counter({"edited": FOLLOWS - len(killed), "channel": len(killed)})
+    assert elapsed < BUDGET
+
+    # Nothing left behind.
+    assert not other_tasks(baseline_tasks), other_tasks(baseline_tasks)
+    assert socket_count() <= baseline_sockets
+    assert temp_files(flux.data_dir) == []
+    assert end_mem - baseline_mem < MEMORY_SLACK, (baseline_mem, end_mem)
