@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import multiprocessing
@@ -68,7 +69,7 @@ async def _serve_fakes(conn: multiprocessing.connection.Connection) -> None:
                     interaction = await discord.send_interaction("fluxresult", {"id": task_id})
                     token = interaction.token
                     record = await discord.wait_for_request(
-                        lambda r: bool(r.files) and token in r.path and r.status == 200, timeout=120.0, since=since)
+                        _upload_to(token, ok_only=True), timeout=120.0, since=since)
                     received = time.monotonic()
                     conn.send({"ready": comet.poll_times[task_id][-1], "received": received,
                                "uploaded": record.files[0].size, "token": token})
@@ -78,13 +79,20 @@ async def _serve_fakes(conn: multiprocessing.connection.Connection) -> None:
                 elif command == "collect":
                     (token,) = args
                     record = await discord.wait_for_request(
-                        lambda r: bool(r.files) and token in r.path, timeout=120.0, since=expected_since)
+                        _upload_to(token, ok_only=False), timeout=120.0, since=expected_since)
                     conn.send({"received": time.monotonic(), "uploaded": record.files[0].size,
                                "status": record.status})
                 else:
                     conn.send(RuntimeError(f"unknown command {command!r}"))
             except Exception as exc:  # sent back and raised in the benchmark process
                 conn.send(RuntimeError(f"fake side failed on {command}: {exc!r}"))
+
+
+def _upload_to(token: str, *, ok_only: bool) -> Callable[[Any], bool]:
+    def matches(record: Any) -> bool:
+        return bool(record.files) and token in record.path and (not ok_only or record.status == 200)
+
+    return matches
 
 
 class _Fakes:
@@ -281,8 +289,9 @@ async def run(smoke: bool) -> BenchResult:
                             token = got["token"]
                             bare = await _bare_transfer(fakes, session, image_url, token)
                             bare_times.append(bare["received"] - bare["ready"])
-                        bot_memory = await _measure_memory(lambda: _bot_delivery(fakes, name, counter))
-                        bare_memory = await _measure_memory(lambda: _bare_transfer(fakes, session, image_url, token))
+                        bot_memory = await _measure_memory(functools.partial(_bot_delivery, fakes, name, counter))
+                        bare_memory = await _measure_memory(
+                            functools.partial(_bare_transfer, fakes, session, image_url, token))
                         bot_median, bare_median = statistics.median(bot_times), statistics.median(bare_times)
                         ratio = bot_median / bare_median
                         for path, median, times, memory in (("bot", bot_median, bot_times, bot_memory),
@@ -301,7 +310,8 @@ async def run(smoke: bool) -> BenchResult:
                             worst <= MEMORY_TARGET,
                             f"{bot_memory.rss_extra / len(data):.2f}x peak RSS growth,"
                             f" {bot_memory.traced_extra / len(data):.2f}x Python heap (bare transfer:"
-                            f" {bare_memory.rss_extra / len(data):.2f}x / {bare_memory.traced_extra / len(data):.2f}x)"))
+                            f" {bare_memory.rss_extra / len(data):.2f}x /"
+                            f" {bare_memory.traced_extra / len(data):.2f}x)"))
             finally:
                 with contextlib.suppress(Exception):
                     async with asyncio.timeout(15.0):

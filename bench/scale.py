@@ -30,9 +30,10 @@ import random
 import resource
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from bench.report import BenchResult, Table, Target
 
@@ -234,6 +235,7 @@ async def _run_bare(session: object, base_url: str, plan: Plan) -> Measured:
     async def follow(task_id: str) -> None:
         nonlocal polls, fetches, delivered, last
         attempt = 0
+        first = time.monotonic()
         while True:
             polls += 1
             async with session.get(url, params={"id": task_id}, headers=headers) as response:
@@ -248,7 +250,7 @@ async def _run_bare(session: object, base_url: str, plan: Plan) -> Measured:
                     failed["empty"] = failed.get("empty", 0) + 1
                 last = time.monotonic()
                 return
-            await asyncio.sleep(schedule.delay(attempt, rng))
+            await asyncio.sleep(schedule.delay(attempt, time.monotonic() - first, rng=rng))
             attempt += 1
 
     return await _phase("bare", plan, follow, lambda: polls, lambda: fetches, lambda: (delivered, failed, last))
@@ -257,7 +259,7 @@ async def _run_bare(session: object, base_url: str, plan: Plan) -> Measured:
 async def _phase(
     mode: str,
     plan: Plan,
-    follow_fn: Callable[[str], Awaitable[None]],
+    follow_fn: Callable[[str], Coroutine[Any, Any, None]],
     polls_fn: Callable[[], int],
     fetches_fn: Callable[[], int],
     state_fn: Callable[[], tuple[int, dict[str, int], float]],
@@ -318,10 +320,8 @@ def _row(m: Measured) -> list[str]:
 
 
 async def run(smoke: bool) -> BenchResult:
-    if smoke:
-        plans = [Plan(50, 0.2, 0.5, seed=1)]
-    else:
-        plans = [Plan(1_000, 5.0, 30.0, seed=1), Plan(10_000, 5.0, 30.0, seed=2)]
+    smoke_plans = [Plan(50, 0.2, 0.5, seed=1)]
+    plans = smoke_plans if smoke else [Plan(1_000, 5.0, 30.0, seed=1), Plan(10_000, 5.0, 30.0, seed=2)]
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     fake = context.Process(target=_fake_process, args=(child, plans), name="fake-cometapi", daemon=True)

@@ -18,7 +18,7 @@ from bot.cometapi import CometAPIClient
 from bot.config import Settings
 from bot.follows import FollowManager
 from bot.images import GuardedResolver, ImageFetcher
-from bot.schedule import ErrorBackoff, PollSchedule
+from bot.schedule import AdaptiveSchedule, ErrorBackoff, Schedule
 from bot.store import Store
 from bot.tracking import Tracker
 
@@ -37,8 +37,9 @@ def point_discord_at(settings: Settings) -> None:
 
 
 class FluxBot(commands.Bot):
-    #: class attributes so a deployment (or a test) can subclass with another pace
-    poll_schedule = PollSchedule()
+    #: class attributes so a deployment (or a test) can subclass with another pace; None: a fresh
+    #: AdaptiveSchedule per bot, which starts at 1 s growing to 5 s and then learns from the tasks it sees
+    poll_schedule: Schedule | None = None
     error_backoff = ErrorBackoff()
 
     session: aiohttp.ClientSession
@@ -92,7 +93,7 @@ class FluxBot(commands.Bot):
         )
         self.tracker = Tracker(self.api, self.images, sink=self.store,
                                limiter=AsyncLimiter(settings.api_rps, 1.0),
-                               schedule=self.poll_schedule, backoff=self.error_backoff)
+                               schedule=self.poll_schedule or AdaptiveSchedule(), backoff=self.error_backoff)
         self.follows = FollowManager(
             self, self.tracker, self.store,
             poll_timeout=settings.poll_timeout,

@@ -41,7 +41,7 @@ from bot.images import (
     ImageUnavailable,
     NotAnImage,
 )
-from bot.schedule import ErrorBackoff, PollSchedule
+from bot.schedule import AdaptiveSchedule, ErrorBackoff, Schedule
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,11 @@ class _Watch:
         "changed",
         "deadline",
         "final",
+        "first_sent_at",
         "last_error",
+        "pending_at",
         "polls",
+        "sent_at",
         "started",
         "state",
         "subscribers",
@@ -144,11 +147,19 @@ class _Watch:
         self.version = 0
         self.polls = 0
         self.last_error: str | None = None
+        # Send times (tracker clock) of the first and the latest poll, and of the last one that saw the
+        # task still running: what the adaptive schedule learns readiness times from.
+        self.first_sent_at: float | None = None
+        self.sent_at = 0.0
+        self.pending_at: float | None = None
         self.subscribers: set[Subscription] = set()
         self.changed = asyncio.Event()
         # Set when the poll loop should stop sleeping early: the last subscriber left.
         self.wake = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+
+    def since_first(self) -> float:
+        return 0.0 if self.first_sent_at is None else self.sent_at - self.first_sent_at
 
     def _notify(self) -> None:
         self.version += 1
@@ -278,7 +289,7 @@ class Tracker:
         *,
         sink: ResultSink | None = None,
         limiter: AbstractAsyncContextManager[object] | None = None,
-        schedule: PollSchedule | None = None,
+        schedule: Schedule | None = None,
         backoff: ErrorBackoff | None = None,
         max_bad_bodies: int = 4,
         image_attempts: int = 3,
@@ -289,7 +300,7 @@ class Tracker:
         self._images = images
         self._sink = sink
         self._limiter = limiter
-        self.schedule = schedule or PollSchedule()
+        self.schedule: Schedule = schedule or AdaptiveSchedule()
         self._backoff = backoff or ErrorBackoff()
         self._max_bad = max_bad_bodies
         self._image_attempts = image_attempts
@@ -366,12 +377,18 @@ class Tracker:
         if pause > 0:
             await self._sleep(watch, min(pause, watch.deadline - self._clock()))
         if self._limiter is None:
-            watch.polls += 1
+            self._mark_sent(watch)
             return await self._api.get_result(watch.task_id)
         remaining = watch.deadline - self._clock()
         async with asyncio.timeout(max(remaining, 0.0)), self._limiter:
-            watch.polls += 1
+            self._mark_sent(watch)
             return await self._api.get_result(watch.task_id)
+
+    def _mark_sent(self, watch: _Watch) -> None:
+        watch.polls += 1
+        watch.sent_at = self._clock()
+        if watch.first_sent_at is None:
+            watch.first_sent_at = watch.sent_at
 
     async def _poll(self, watch: _Watch) -> None:
         attempt = failures = bad = 0
@@ -419,9 +436,13 @@ class Tracker:
                 watch.last_error = None
                 watch.publish(state)
                 if state.kind.is_final:
+                    if state.kind is StatusKind.READY and watch.first_sent_at is not None:
+                        pending = None if watch.pending_at is None else watch.pending_at - watch.first_sent_at
+                        self.schedule.observe(watch.since_first(), pending)
                     await self._conclude(watch, state)
                     return
-                delay = self.schedule.delay(attempt, self._rng)
+                watch.pending_at = watch.sent_at
+                delay = self.schedule.delay(attempt, watch.since_first(), self._rng)
                 attempt += 1
             await self._sleep(watch, min(delay, watch.deadline - self._clock()))
 

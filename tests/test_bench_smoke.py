@@ -110,3 +110,10 @@ def test_learned_schedule_follows_elapsed_time_not_attempts() -> None:
     middle = (plan[2] + plan[3]) / 2
     low, high = sorted([plan[3] - plan[2], plan[4] - plan[3]])
     assert low <= learned.delay(0, middle) <= high
+
+
+@pytest.mark.parametrize("name", ["scale", "delivery", "startup"])
+def test_benchmark_smoke_runs(name: str) -> None:
+    (run,) = harness.run_selected([name], smoke=True)
+    assert run.ok, run.error
+    assert run.result is not None and run.result.table.rows

@@ -97,14 +97,14 @@ def test_ready_reencoded_says_so_and_unfittable_gives_link_with_explanation() ->
 
 
 def test_hostile_prompt_is_inert_and_within_limits() -> None:
-    prompt = "@everyone <@123> **bold** " + "x" * 10_000
+    prompt = "@everyone <@123456789012345678> **bold** " + "x" * 10_000
     image = _png()
     outcome = Outcome(task_id="t1", reason=EndReason.READY, state=_ready(prompt), image=image)
     parts = render_final(outcome, image=image)
     assert parts.embed is not None
     description = parts.embed.description or ""
     assert "@everyone" not in description  # escape_mentions puts a zero-width space in
-    assert "<@123>" not in description
+    assert "<@123456789012345678>" not in description
     assert "\\*\\*bold\\*\\*" in description
     _check_limits(parts.embed.to_dict(), len(parts.embed))  # type: ignore[arg-type]
 
@@ -161,5 +161,5 @@ def test_any_text_stays_within_discord_limits(prompt: str, task_id: str, detail:
 
 
 def test_safe_text_escapes_markdown_and_mentions() -> None:
-    text = safe_text("_x_ @here <@&5>", 100)
-    assert "@here" not in text and "<@&5>" not in text and "\\_x\\_" in text
+    text = safe_text("_x_ @here <@&123456789012345678>", 100)
+    assert "@here" not in text and "<@&123456789012345678>" not in text and "\\_x\\_" in text

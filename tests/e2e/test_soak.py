@@ -1,7 +1,7 @@
 """Soak: 1,000 follows with faults mixed in, through one bot process, bounded in time.
 
 Afterwards nothing is left behind: no asyncio task, no socket, no temp file, and memory (Python
-allocations traced by tracemalloc) is back near where it started. Run with ``pytest -s`` to see
+allocated blocks, and RSS with a generous bound) is back near where it started. Run with ``pytest -s`` to see
 the figures.
 """
 
@@ -12,7 +12,7 @@ import gc
 import os
 import random
 import time
-import tracemalloc
+import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +23,11 @@ from tests.fakes.comet import Answer, FakeCometAPI
 from tests.fakes.discord import FakeInteraction, FakeMessage, FakeUser
 
 FOLLOWS = int(os.environ.get("FLUXBOT_SOAK_FOLLOWS", "1000"))
-TRACE = os.environ.get("FLUXBOT_SOAK_TRACE", "1") == "1"
 USERS = 250
 IN_FLIGHT = 60  # unacknowledged interactions at once: Discord wants the defer within 3 s
 BUDGET = 90.0  # the whole soak, generous for 2 slow cores; it usually takes far less
-MEMORY_SLACK = 8 * 1024 * 1024
+BLOCK_SLACK = 60_000
+RSS_SLACK = 150 * 1024 * 1024
 ORIGINAL = r"/webhooks/\d+/[^/]+/messages/@original"
 
 
@@ -134,13 +134,10 @@ async def test_soak_thousand_follows_leave_nothing_behind(flux: FluxEnv) -> None
     users = [FakeUser(8_000_000 + n, f"s{n}") for n in range(USERS)]
 
     gc.collect()
-    if TRACE:
-        tracemalloc.start()
     baseline_tasks = set(asyncio.all_tasks())
     baseline_sockets = socket_count()
     baseline_rss = rss_bytes()
-    baseline_mem, _ = tracemalloc.get_traced_memory()
-    tracemalloc.reset_peak()
+    baseline_blocks = sys.getallocatedblocks()
     started = time.monotonic()
     interactions: dict[str, FakeInteraction] = {}
     discord_faults = 0
@@ -167,24 +164,12 @@ async def test_soak_thousand_follows_leave_nothing_behind(flux: FluxEnv) -> None
                 await asyncio.sleep(0.05)
         delivered = Counter(bot.follows.delivered)
         elapsed = time.monotonic() - started
-        _, peak = tracemalloc.get_traced_memory()
         peak_rss = rss_bytes()
+        peak_blocks = sys.getallocatedblocks()
         statuses = Counter(r.status for r in flux.discord.requests)
     # The bot is closed here.
     await settle(lambda: not other_tasks(baseline_tasks), 5.0)
     await settle(lambda: socket_count() <= baseline_sockets, 5.0)
-    gc.collect()
-    end_mem, _ = tracemalloc.get_traced_memory()
-    tracemalloc.stop()
-    end_rss = rss_bytes()
-
-    print(f"\nsoak: {FOLLOWS} follows by {USERS} users in {elapsed:.1f} s "
-          f"({FOLLOWS / elapsed:.0f}/s); kinds {dict(Counter(k.name for k in plan.values()))}; "
-          f"discord faults injected {discord_faults} (tokens killed {len(killed)}); "
-          f"delivered {dict(delivered)}; discord answers {dict(statuses)}; api requests {flux.comet.total_requests}; "
-          f"python memory baseline {baseline_mem / 2**20:.1f} MiB, peak {peak / 2**20:.1f} MiB, "
-          f"after {end_mem / 2**20:.1f} MiB; RSS {baseline_rss / 2**20:.0f} -> peak {peak_rss / 2**20:.0f} -> "
-          f"{end_rss / 2**20:.0f} MiB")
 
     # Every interaction: exactly one final message, and it says what its script says.
     channel_posts: dict[int, list[FakeMessage]] = {}
@@ -196,10 +181,11 @@ async def test_soak_thousand_follows_leave_nothing_behind(flux: FluxEnv) -> None
         finals = final_where(flux, interaction, channel_posts)
         assert len(finals) == 1, (task_id, finals)
         where, message = finals[0]
-        assert where == ("channel" if task_id in killed else "original"), (task_id, where)
+        assert where == ("channel" if task_id in killed else "original"), (task_id, finals)
         assert message.embeds[0]["title"] == plan[task_id].title, (task_id, message.embeds[0])
         if plan[task_id].title == "Your Flux image":
-            assert message.attachments, task_id
+            # With the image attached, or, when a 413 met an image that cannot shrink, the link explained.
+            assert message.attachments or "too large for Discord's upload limit" in str(message.embeds[0]), task_id
     assert delivered == Counter({"edited": FOLLOWS - len(killed), "channel": len(killed)})
     assert elapsed < BUDGET
 
@@ -207,4 +193,25 @@ async def test_soak_thousand_follows_leave_nothing_behind(flux: FluxEnv) -> None
     assert not other_tasks(baseline_tasks), other_tasks(baseline_tasks)
     assert socket_count() <= baseline_sockets
     assert temp_files(flux.data_dir) == []
-    assert end_mem - baseline_mem < MEMORY_SLACK, (baseline_mem, end_mem)
+
+    # Memory: drop what the fakes recorded (the test's, not the bot's), then compare with the start.
+    api_requests = flux.comet.total_requests
+    flux.discord.requests.clear()
+    flux.discord.messages.clear()
+    flux.discord.interactions.clear()
+    flux.comet.poll_times.clear()
+    flux.comet.polls.clear()
+    interactions.clear()
+    channel_posts.clear()
+    gc.collect()
+    end_blocks = sys.getallocatedblocks()
+    end_rss = rss_bytes()
+    print(f"\nsoak: {FOLLOWS} follows by {USERS} users in {elapsed:.1f} s ({FOLLOWS / elapsed:.0f}/s); "
+          f"kinds {dict(Counter(k.name for k in plan.values()))}; "
+          f"discord faults injected {discord_faults} (tokens killed {len(killed)}); delivered {dict(delivered)}; "
+          f"discord answers {dict(statuses)}; api requests {api_requests}; "
+          f"python blocks {baseline_blocks} -> peak {peak_blocks} -> after {end_blocks}; "
+          f"RSS {baseline_rss / 2**20:.0f} -> peak {peak_rss / 2**20:.0f} -> after {end_rss / 2**20:.0f} MiB")
+    # Allocated blocks average well under 100 bytes; the slack is for interpreter caches warmed up by the run.
+    assert end_blocks - baseline_blocks < BLOCK_SLACK, (baseline_blocks, peak_blocks, end_blocks)
+    assert end_rss - baseline_rss < RSS_SLACK, (baseline_rss, peak_rss, end_rss)
