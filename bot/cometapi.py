@@ -11,6 +11,7 @@ import enum
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -206,14 +207,14 @@ def _text(value: object, limit: int = _MAX_TEXT) -> str | None:
 def _number(value: object) -> float | None:
     if isinstance(value, bool):
         return None
-    if isinstance(value, int | float):
-        number = float(value)
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, int | float):
+            number = float(value)
+        elif isinstance(value, str) and len(value) <= 64:
             number = float(value.strip().rstrip("%"))
-        except ValueError:
+        else:
             return None
-    else:
+    except (ValueError, OverflowError):
         return None
     return number if math.isfinite(number) else None
 
@@ -228,14 +229,18 @@ def _progress(value: object) -> float | None:
     return min(number, 1.0)
 
 
+_SEED_TEXT = re.compile(r"-?[0-9]{1,40}")
+
+
 def _seed(value: object) -> int | None:
+    # Seeds are 64-bit at most; anything longer is not a seed, and huge ints are costly to print.
     if isinstance(value, bool):
         return None
     if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
+        return value if abs(value) < 10**40 else None
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e40:
         return int(value)
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    if isinstance(value, str) and _SEED_TEXT.fullmatch(value.strip()):
         return int(value.strip())
     return None
 
@@ -393,6 +398,10 @@ class CometAPIClient:
         except CometAPIError as exc:
             name = type(exc).__name__
             self.stats.errors[name] = self.stats.errors.get(name, 0) + 1
+            key = self._key.get()
+            if key and any(key in str(arg) for arg in exc.args):
+                # A server that echoes the key back in its error text must not get it into a log or a message.
+                exc.args = tuple(str(arg).replace(key, Secret.MASK) for arg in exc.args)
             raise
 
     async def _get_result(self, task_id: str) -> TaskState:
@@ -448,8 +457,18 @@ class CometAPIClient:
         return parse_task_body(body, task_id)
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared <= self._max_body:
+            # The common case (a small body with a Content-Length): one read, no per-chunk iteration.
+            body = await response.content.read(declared)
+            if len(body) == declared:
+                return body
+            rest = await self._read_chunks(response, len(body))
+            return body + rest
+        return await self._read_chunks(response, 0)
+
+    async def _read_chunks(self, response: aiohttp.ClientResponse, size: int) -> bytes:
         chunks: list[bytes] = []
-        size = 0
         async for chunk in response.content.iter_chunked(64 * 1024):
             size += len(chunk)
             if size > self._max_body:

@@ -119,6 +119,19 @@ class ResultSink(Protocol):
     ) -> bool: ...
 
 
+class _Abandoned(Exception):
+    """Every follower left while the loop waited: no request is worth sending."""
+
+
+async def _wait(event: asyncio.Event, timeout: float) -> None:
+    """Wait for ``event`` at most ``timeout`` seconds, without the extra task ``asyncio.wait_for`` makes."""
+    if event.is_set():
+        return
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            await event.wait()
+
+
 class _Watch:
     __slots__ = (
         "changed",
@@ -243,8 +256,7 @@ class Subscription:
                 return update
             changed = self._watch.changed
             remaining = self.deadline - self._clock()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=max(0.0, remaining) + 0.001)
+            await _wait(changed, max(0.0, remaining) + 0.001)
 
     async def wait_final(self, timeout: float) -> None:
         """Return after ``timeout`` seconds, or sooner if the task ended; used to pace message edits."""
@@ -253,8 +265,7 @@ class Subscription:
             remaining = min(end, self.deadline) - self._clock()
             if remaining <= 0:
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._watch.changed.wait(), timeout=remaining)
+            await _wait(self._watch.changed, remaining)
 
     def stop(self, reason: EndReason = EndReason.STOPPED, detail: str | None = None) -> Outcome:
         """End this subscription from the follower's side; other followers go on."""
@@ -323,7 +334,8 @@ class Tracker:
         if self._closed:
             raise RuntimeError("tracker is closed")
         watch = self._watches.get(task_id)
-        if watch is None or watch.final is not None:
+        # A watch that has its outcome but is still caching it hands that outcome to late joiners too.
+        if watch is None:
             watch = _Watch(task_id, deadline, self._clock())
             self._watches[task_id] = watch
             watch.task = asyncio.get_running_loop().create_task(self._run(watch), name=f"poll:{task_id}")
@@ -337,17 +349,22 @@ class Tracker:
     async def close(self, timeout: float = 3.0) -> None:
         """Stop every loop; their subscribers get a SHUTDOWN outcome."""
         self._closed = True
-        tasks = [w.task for w in self._watches.values() if w.task is not None and not w.task.done()]
+        watches = list(self._watches.values())
+        tasks = [w.task for w in watches if w.task is not None and not w.task.done()]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=timeout)
+        # A loop cancelled before its first step never ran its own clean-up: end those watches here.
+        for watch in watches:
+            watch.finish(self._outcome(watch, EndReason.SHUTDOWN))
+            if self._watches.get(watch.task_id) is watch:
+                del self._watches[watch.task_id]
 
     async def _sleep(self, watch: _Watch, seconds: float) -> None:
         if seconds <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(watch.wake.wait(), timeout=seconds)
+        await _wait(watch.wake, seconds)
 
     def _outcome(self, watch: _Watch, reason: EndReason, *, state: TaskState | None = None,
                  image: ImageFile | None = None, detail: str | None = None) -> Outcome:
@@ -376,6 +393,8 @@ class Tracker:
         pause = self._paused_until - self._clock()
         if pause > 0:
             await self._sleep(watch, min(pause, watch.deadline - self._clock()))
+            if not watch.subscribers:
+                raise _Abandoned()
         if self._limiter is None:
             self._mark_sent(watch)
             return await self._api.get_result(watch.task_id)
@@ -398,6 +417,8 @@ class Tracker:
                 return
             try:
                 state = await self._request(watch)
+            except _Abandoned:
+                return
             except TimeoutError:
                 continue  # the limiter's wait ran into the deadline; the check above ends the loop
             except AuthError as exc:
@@ -423,7 +444,11 @@ class Tracker:
             except RateLimited as exc:
                 failures += 1
                 watch.last_error = str(exc)
-                delay = exc.retry_after if exc.retry_after is not None else self._backoff.delay(failures, self._rng)
+                delay = self._backoff.delay(failures, self._rng)
+                if exc.retry_after is not None:
+                    # Honour the server's word, but never as a busy loop: "Retry-After: 0" over and over
+                    # would otherwise turn into hundreds of requests a second.
+                    delay = max(exc.retry_after, min(delay, 1.0))
                 self._paused_until = max(self._paused_until, self._clock() + delay)
                 log.info("task %s: rate limited, waiting %.1f s", watch.task_id, delay)
             except CometAPIError as exc:
@@ -451,12 +476,12 @@ class Tracker:
             await self._deliver_image(watch, state)
             return
         reason = _STATUS_REASONS[state.kind]
-        if reason is not EndReason.NOT_FOUND:
-            await self._remember(state)
         detail = state.details
         if state.moderation_reasons:
             detail = ", ".join(state.moderation_reasons)
         watch.finish(self._outcome(watch, reason, state=state, detail=detail))
+        if reason is not EndReason.NOT_FOUND:
+            await self._remember(state)
 
     async def _deliver_image(self, watch: _Watch, state: TaskState) -> None:
         url = state.image_url
@@ -479,8 +504,9 @@ class Tracker:
                 watch.finish(self._outcome(watch, reason, state=state, detail=str(exc)))
                 return
             else:
-                await self._remember(state, image)
+                # Subscribers first: caching writes the file to disk, which the upload need not wait for.
                 watch.finish(self._outcome(watch, EndReason.READY, state=state, image=image))
+                await self._remember(state, image)
                 return
 
     async def _remember(self, state: TaskState, image: ImageFile | None = None) -> None:

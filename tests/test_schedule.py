@@ -27,7 +27,7 @@ def test_poll_schedule_defaults_grow_to_the_ceiling() -> None:
 
 def test_poll_schedule_huge_attempt_does_not_overflow() -> None:
     assert PollSchedule().base_delay(10**9) == 5.0
-    assert PollSchedule(factor=3.0).delay(10**6, random.Random(1)) <= 5.0 * 1.1
+    assert PollSchedule(factor=3.0).delay(10**6, rng=random.Random(1)) <= 5.0 * 1.1
 
 
 def test_poll_schedule_rejects_negative_attempts() -> None:
@@ -45,7 +45,7 @@ def test_poll_schedule_without_jitter_is_exact() -> None:
 def test_poll_jitter_spreads_the_loops() -> None:
     schedule = PollSchedule()
     rng = random.Random(3)
-    delays = {schedule.delay(0, rng) for _ in range(200)}
+    delays = {schedule.delay(0, rng=rng) for _ in range(200)}
     assert len(delays) > 100  # not in lock step
     assert min(delays) < 0.95 and max(delays) > 1.05
 
@@ -64,7 +64,7 @@ def test_poll_delay_bounds(initial: float, factor: float, ceiling: float, jitter
     base = schedule.base_delay(attempt)
     assert 0 < base <= ceiling
     assert base <= schedule.base_delay(attempt + 1)  # never shrinks
-    delay = schedule.delay(attempt, random.Random(seed))
+    delay = schedule.delay(attempt, rng=random.Random(seed))
     assert delay > 0
     if jitter:
         assert max(_FLOOR, base * (1 - jitter)) - 1e-9 <= delay <= max(_FLOOR, base * (1 + jitter)) + 1e-9
@@ -74,12 +74,12 @@ def test_poll_delay_bounds(initial: float, factor: float, ceiling: float, jitter
 
 def test_poll_seeded_rng_is_reproducible() -> None:
     schedule = PollSchedule()
-    first = [schedule.delay(n, random.Random(99)) for n in range(30)]
-    second = [schedule.delay(n, random.Random(99)) for n in range(30)]
+    first = [schedule.delay(n, rng=random.Random(99)) for n in range(30)]
+    second = [schedule.delay(n, rng=random.Random(99)) for n in range(30)]
     assert first == second
     rng_a, rng_b = random.Random(5), random.Random(5)
-    assert [schedule.delay(n, rng_a) for n in range(30)] == [schedule.delay(n, rng_b) for n in range(30)]
-    assert [schedule.delay(n, random.Random(6)) for n in range(30)] != first
+    assert [schedule.delay(n, rng=rng_a) for n in range(30)] == [schedule.delay(n, rng=rng_b) for n in range(30)]
+    assert [schedule.delay(n, rng=random.Random(6)) for n in range(30)] != first
 
 
 def test_poll_schedule_is_immutable() -> None:

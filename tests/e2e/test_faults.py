@@ -27,8 +27,8 @@ import pytest
 from PIL import Image
 
 from bot.client import FluxBot
-from tests.e2e.conftest import FluxEnv
-from tests.fakes.comet import Answer, tiny_png
+from tests.e2e.conftest import FastFluxBot, FluxEnv
+from tests.fakes.comet import Answer
 from tests.fakes.discord import FakeInteraction, FakeMessage, FakeUser, RecordedRequest
 
 EPHEMERAL = 64
@@ -36,6 +36,7 @@ ASKER = FakeUser(4_242_000_001, "asker")
 STEP = 20.0  # bound for any single wait in this module
 
 Where = Literal["original", "channel", "dm", "lost"]
+WHERE: dict[str, Where] = {"edited": "original", "channel": "channel", "dm": "dm", "lost": "lost"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -158,7 +159,7 @@ async def run_fault(flux: FluxEnv, fault: Fault, caplog: pytest.LogCaptureFixtur
     task_id = f"fault-{fault.id}"
     fault.arrange(flux, task_id)
     caplog.set_level(logging.INFO)
-    async with flux.bot(**fault.settings) as bot:
+    async with flux.bot(FastFluxBot, **fault.settings) as bot:
         started = time.monotonic()
         interaction = await flux.command(task_id, user=ASKER, **fault.command)
         if fault.during is not None:
@@ -168,7 +169,7 @@ async def run_fault(flux: FluxEnv, fault: Fault, caplog: pytest.LogCaptureFixtur
         await until(lambda: bot.follows.active == 0, STEP, "the follow to end")
         delivered = [k for k, v in bot.follows.delivered.items() if v]
     assert delivered in (["edited"], ["channel"], ["dm"], ["lost"]), bot.follows.delivered
-    where: Where = {"edited": "original", "channel": "channel", "dm": "dm", "lost": "lost"}[delivered[0]]  # type: ignore[assignment]
+    where = WHERE[delivered[0]]
     finals = finals_for(flux, interaction)
     if where == "lost":
         assert finals == [], finals
@@ -268,6 +269,17 @@ def during_pending(fault: Callable[[FluxEnv, FakeInteraction], None], ready_name
 
 
 PENDING = script(fixed(Answer.pending(0.5)))
+#: progress that keeps changing, so the follow keeps editing its status about once a second
+MOVING = script(*(fixed(Answer.pending(n / 100)) for n in range(1, 99)))
+
+
+async def kill_during_status_edits(flux: FluxEnv, interaction: FakeInteraction, task_id: str) -> None:
+    """Kill the token while status edits go on; the task only ends after the next edit was due."""
+    await _pending_shown(flux, interaction)
+    flux.discord.kill_token(interaction)
+    await flux.discord.wait_for_request(lambda r: interaction.token in r.path and r.status == 401, timeout=STEP)
+    await asyncio.sleep(1.5)  # more than the 1 s edit pacing: a careless follow would edit again here
+    flux.comet.script(task_id, Answer.ready(flux.comet.add_image("deadstatus.png", IMAGE), prompt="a red kite"))
 
 
 # --------------------------------------------------------------------------- checks
@@ -494,6 +506,9 @@ DISCORD_FAULTS = [
     Fault("discord-token-dies-mid-follow-404", PENDING,
           both(has_image(), mentions_only_the_asker, dead_token_never_reused), where="channel",
           during=during_pending(lambda f, i: f.discord.kill_token(i, status=404), "dead404.png")),
+    Fault("discord-token-dies-during-status-edits", MOVING,
+          both(has_image(), mentions_only_the_asker, dead_token_never_reused), where="channel",
+          during=kill_during_status_edits),
     Fault("discord-token-dies-private-goes-to-dm", PENDING,
           both(has_image(), dead_token_never_reused,
                lambda run: _no_channel_post(run)), where="dm", command={"private": True},
