@@ -25,7 +25,8 @@ def test_schedule_sim_smoke_produces_a_table_and_the_target(smoke_run: harness.B
     result = smoke_run.result
     assert isinstance(result, BenchResult)
     assert result.table.rows and not result.problems()
-    assert any(row[0].startswith("default PollSchedule(") for row in result.table.rows)
+    assert any(row[0].startswith("bot default: AdaptiveSchedule") for row in result.table.rows)
+    assert any("PollSchedule(" in row[0] and row[0].startswith("fallback") for row in result.table.rows)
     (target,) = result.targets
     assert "no fixed interval gives both fewer polls and lower mean latency" in target.statement
     assert target.line().startswith(("Target met:", "Target MISSED:"))

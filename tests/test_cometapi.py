@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import gzip
 import json
 import math
 import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -607,6 +609,30 @@ async def test_unreachable_is_transient(session: aiohttp.ClientSession) -> None:
     dead = CometAPIClient(session, base, Secret(KEY), timeout=2.0)
     exc = await _fails(dead, "t", TransientError)
     assert "ClientConnector" in str(exc) or "could not reach" in str(exc)
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_compressed_answer(fake: FakeCometAPI, client: CometAPIClient, encoding: str, chunked: bool) -> None:
+    # aiohttp asks for gzip/deflate by default and inflates the body, so Content-Length (the compressed
+    # size) says nothing about how many bytes the JSON has.
+    # BUG (bot/cometapi.py _read_capped fast path): reading exactly Content-Length inflated bytes cut the
+    # body short, so every compressed answer with a Content-Length was "not JSON".
+    body = json.dumps({"id": "t", "status": "Ready",
+                       "result": {"sample": SAMPLE, "prompt": "a red kite " * 300}}).encode()
+    packed = gzip.compress(body) if encoding == "gzip" else zlib.compress(body)
+    fake.script("t", Answer.raw(packed, content_type="application/json", headers={"Content-Encoding": encoding},
+                                chunked=chunked))
+    state = await client.get_result("t")
+    assert state.kind is StatusKind.READY
+    assert state.prompt == ("a red kite " * 300).strip()
+
+
+async def test_compressed_bomb_is_capped(fake: FakeCometAPI, client: CometAPIClient) -> None:
+    body = b'{"status": "Pending", "pad": "' + b"x" * 5_000_000 + b'"}'
+    fake.script("t", Answer.raw(gzip.compress(body), content_type="application/json",
+                                headers={"Content-Encoding": "gzip"}))
+    await _fails(client, "t", BadResponse)
 
 
 async def test_server_echoing_the_key_does_not_leak_it(fake: FakeCometAPI, client: CometAPIClient) -> None:

@@ -69,6 +69,8 @@ class Answer:
     #: ``stall``: seconds to wait before answering with ``then``
     seconds: float = 0.0
     then: Answer | None = None
+    #: ``fixed``: send the body with ``Transfer-Encoding: chunked`` instead of a Content-Length
+    chunked: bool = False
 
     # -- task bodies: {"id": <the polled id>, ...fields} -------------------------------------------
 
@@ -108,9 +110,11 @@ class Answer:
 
     @classmethod
     def raw(cls, data: bytes, status: int = 200, content_type: str = "text/html",
-            headers: Mapping[str, str] | None = None) -> Answer:
-        """Exactly these bytes: an HTML error page, truncated JSON, a huge body..."""
-        return cls("fixed", body=data, http_status=status, content_type=content_type, headers=headers)
+            headers: Mapping[str, str] | None = None, chunked: bool = False) -> Answer:
+        """Exactly these bytes: an HTML error page, truncated JSON, a huge body, a gzip-ed body (pass
+        ``headers={"Content-Encoding": "gzip"}``)..."""
+        return cls("fixed", body=data, http_status=status, content_type=content_type, headers=headers,
+                   chunked=chunked)
 
     @classmethod
     def error(cls, http_status: int, message: str, type_: str = "comet_api_error", code: str | None = None,
@@ -300,6 +304,14 @@ class FakeCometAPI:
             return web.Response(status=204)
         if answer.kind == "task":
             return _task_response(task_id, answer)
+        if answer.chunked:
+            response = web.StreamResponse(status=answer.http_status, headers=_headers(answer))
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for offset in range(0, len(answer.body), 16 * 1024):
+                await response.write(answer.body[offset:offset + 16 * 1024])
+            await response.write_eof()
+            return response
         return _fixed(answer)
 
     def _answer_for(self, task_id: str) -> Answer:
