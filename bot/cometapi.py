@@ -428,7 +428,7 @@ class CometAPIClient:
             raise AuthError(_describe(status, body, "the API refused the key"))
         if status == 402:
             raise PaymentRequired(_describe(status, body, "the API account is out of credits"))
-        if status >= 500:
+        if status >= 500 or status == 408:
             raise TransientError(_describe(status, body, "the API had a server error"))
         if 300 <= status < 400:
             raise BadResponse(f"HTTP {status}: the API answered with a redirect; is COMETAPI_BASE_URL right?")
@@ -458,7 +458,9 @@ class CometAPIClient:
 
     async def _read_capped(self, response: aiohttp.ClientResponse) -> bytes:
         declared = response.content_length
-        if declared is not None and declared <= self._max_body:
+        # Content-Length counts the encoded bytes; aiohttp hands out decoded ones, so only a plain body fits.
+        encoding = response.headers.get("Content-Encoding", "").strip().lower()
+        if declared is not None and declared <= self._max_body and encoding in ("", "identity"):
             # The common case (a small body with a Content-Length): one read, no per-chunk iteration.
             body = await response.content.read(declared)
             if len(body) == declared:
