@@ -18,24 +18,17 @@ from dataclasses import dataclass, field
 
 import discord
 
-from bot.cometapi import StatusKind
 from bot.delivery import TOKEN_LIFETIME, TOKEN_MARGIN, Delivered, Delivery, FollowTarget
 from bot.images import ImageFile, fit_under_async, sniff
 from bot.render import MessageParts, render_final, render_progress
 from bot.store import CachedResult, FollowRecord, Store
-from bot.tracking import EndReason, Outcome, Subscription, Tracker
+from bot.tracking import EndReason, Outcome, Subscription, Tracker, reason_for
 
 log = logging.getLogger(__name__)
 
 __all__ = ["CancelResult", "FollowManager", "LimitReached"]
 
 EDIT_INTERVAL = 1.0
-_CACHED_REASONS = {
-    StatusKind.READY: EndReason.READY,
-    StatusKind.FAILED: EndReason.FAILED,
-    StatusKind.MODERATED: EndReason.MODERATED,
-    StatusKind.CANCELED: EndReason.CANCELED,
-}
 
 
 class LimitReached(Exception):
@@ -145,7 +138,7 @@ class FollowManager:
             data = await self._store.read_image(cached)
             if data is not None:
                 image = await asyncio.to_thread(sniff, data)
-        reason = _CACHED_REASONS.get(cached.state.kind, EndReason.FAILED)
+        reason = reason_for(cached.state.kind)
         if reason is EndReason.READY and image is None:
             reason = EndReason.IMAGE_EXPIRED
         detail = ", ".join(cached.state.moderation_reasons) or cached.state.details

@@ -45,7 +45,7 @@ from bot.schedule import AdaptiveSchedule, ErrorBackoff, Schedule
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EndReason", "Outcome", "Subscription", "Tracker", "Update"]
+__all__ = ["EndReason", "Outcome", "Subscription", "Tracker", "Update", "reason_for"]
 
 
 class EndReason(enum.Enum):
@@ -72,6 +72,7 @@ class EndReason(enum.Enum):
 
 
 _STATUS_REASONS = {
+    StatusKind.READY: EndReason.READY,
     StatusKind.NOT_FOUND: EndReason.NOT_FOUND,
     StatusKind.FAILED: EndReason.FAILED,
     StatusKind.MODERATED: EndReason.MODERATED,
@@ -86,6 +87,11 @@ _IMAGE_REASONS: list[tuple[type[ImageError], EndReason]] = [
     (ImageTooLarge, EndReason.IMAGE_TOO_LARGE),
     (ImageUnavailable, EndReason.IMAGE_UNAVAILABLE),
 ]
+
+
+def reason_for(kind: StatusKind) -> EndReason:
+    """How a follow ends when the task reached ``kind`` (PENDING never ends one; treated as FAILED)."""
+    return _STATUS_REASONS.get(kind, EndReason.FAILED)
 
 
 @dataclass(frozen=True, slots=True)

@@ -75,9 +75,8 @@ class Flux(commands.Cog):
         """
         task_id = validate_task_id(id)
         follows = self.bot.follows
-        cached = await self.bot.store.get_result(task_id)
-        if cached is None:
-            follows.check_limits(interaction.user.id)
+        # Only in-memory checks before the defer: Discord gives 3 s, and a busy database must not eat them.
+        follows.check_limits(interaction.user.id)
         await interaction.response.defer(ephemeral=private, thinking=True)
         target = FollowTarget(
             application_id=interaction.application_id,
@@ -90,6 +89,7 @@ class Flux(commands.Cog):
             created_at=interaction.created_at.timestamp(),
             filesize_limit=interaction.filesize_limit,
         )
+        cached = await self.bot.store.get_result(task_id)
         if cached is not None:
             log.info("task %s interaction %s: answered from the cache", task_id, interaction.id)
             await follows.serve_cached(task_id, target, cached)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +14,7 @@ from typing import Any, TypeVar
 
 import pytest
 from discord.ext import commands
+from PIL import Image
 
 from bot.client import FluxBot
 from bot.config import Settings, load_settings
@@ -113,6 +116,18 @@ def bot_runner() -> Callable[..., Any]:
 
 
 # -- the real fluxbot against both fakes ---------------------------------------------------------
+
+
+def png_bytes(width: int = 64, height: int = 48, *, noise: bool = False) -> bytes:
+    """A real PNG: solid (compresses to almost nothing) or noise (about 3 bytes a pixel, for size limits)."""
+    if noise:
+        image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
+    else:
+        image = Image.new("RGB", (width, height), (10, 120, 200))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
 
 FAST_SCHEDULE = PollSchedule(initial=0.05, factor=1.5, ceiling=0.2, jitter=0.1)
 FAST_BACKOFF = ErrorBackoff(initial=0.05, factor=2.0, ceiling=0.4, jitter=0.1)

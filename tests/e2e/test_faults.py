@@ -13,9 +13,7 @@ and discord.py, waits (bounded) until the follow has delivered, and then checks:
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import os
 import struct
 import time
 import zlib
@@ -24,10 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import pytest
-from PIL import Image
 
 from bot.client import FluxBot
-from tests.e2e.conftest import FastFluxBot, FluxEnv
+from tests.e2e.conftest import FastFluxBot, FluxEnv, png_bytes
 from tests.fakes.comet import Answer
 from tests.fakes.discord import FakeInteraction, FakeMessage, FakeUser, RecordedRequest
 
@@ -40,16 +37,6 @@ WHERE: dict[str, Where] = {"edited": "original", "channel": "channel", "dm": "dm
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def png_bytes(width: int = 64, height: int = 48, *, noise: bool = False) -> bytes:
-    if noise:
-        image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
-    else:
-        image = Image.new("RGB", (width, height), (10, 120, 200))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import io
 import itertools
-import os
 
 from PIL import Image
 
 from bot.delivery import CANCEL_PREFIX
-from tests.e2e.conftest import FluxEnv
+from tests.e2e.conftest import FluxEnv, png_bytes
 from tests.fakes.comet import Answer
 from tests.fakes.discord import FakeMessage, FakeUser
 
 EPHEMERAL = 64
-
-
-def png_bytes(width: int = 64, height: int = 48, noise: bool = False) -> bytes:
-    if noise:
-        image = Image.frombytes("RGB", (width, height), os.urandom(width * height * 3))
-    else:
-        image = Image.new("RGB", (width, height), (10, 120, 200))
-    buffer = io.BytesIO()
-    image.save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def embed_of(message: FakeMessage) -> dict[str, object]:
